@@ -1,0 +1,3 @@
+from safety_lens_cli.cli.app import main
+
+main()

