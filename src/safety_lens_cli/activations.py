@@ -89,8 +89,14 @@ def read_pooled(
     *,
     batch_size: int = 16,
     padding_side: PaddingSide = "right",
+    token_norms: dict[int, torch.Tensor] | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Pooled activations `{layer: [n_items, hidden]}` (float32, CPU), in input order."""
+    """Pooled activations `{layer: [n_items, hidden]}` (float32, CPU), in input order.
+
+    When `token_norms` is a dict, it is filled with `{layer: [n_items]}`: the
+    mean L2 norm of the residual stream over the tokens each item reads, which
+    is the scale for steering coefficients.
+    """
     import torch
 
     if not items:
@@ -102,6 +108,8 @@ def read_pooled(
     layer_list = sorted({normalize_layer(i, lm.num_layers) for i in layers})
 
     out = {layer: torch.empty((len(items), lm.hidden_size), dtype=torch.float32) for layer in layer_list}
+    if token_norms is not None:
+        token_norms.update({layer: torch.empty(len(items), dtype=torch.float32) for layer in layer_list})
     with torch.inference_mode(), capture_residual(lm.layers, layer_list, stop_after_deepest=True) as cap:
         for batch in length_sorted_batches([len(i) for i in items], batch_size):
             batch_items = [items[i] for i in batch]
@@ -112,4 +120,6 @@ def read_pooled(
             for layer in layer_list:
                 hidden = cap.states[layer].float().cpu()  # [batch, seq, hidden]
                 out[layer][index] = torch.einsum("bs,bsh->bh", weights, hidden)
+                if token_norms is not None:
+                    token_norms[layer][index] = (weights * hidden.norm(dim=-1)).sum(-1)
     return out

@@ -38,6 +38,8 @@ INSTALL_DEFAULT_HINT = (
 )
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5", ".msgpack")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+GGUF_CACHE_ENV = "SAFETY_LENS_GGUF_CACHE"
+CONVERTED_MARKER = ".safety-lens-complete"
 SourceKind = Literal["hub", "local", "gguf", "object"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -233,6 +235,27 @@ def load_model(request: ModelRequest | None = None) -> LoadedModel:
     if source.kind == "gguf":
         _check_gguf_support(source)
 
+    load_from = source
+    converted = converted_gguf_dir(source) if source.kind == "gguf" else None
+    if converted is not None and (converted / CONVERTED_MARKER).is_file():
+        load_from = ModelSource("local", str(converted), display_id=source.display_id)
+    log.info("Loading %s on %s (%s)", source.display_id, device, str(dtype).removeprefix("torch."))
+    model, tokenizer = _from_pretrained(load_from, request, dtype)
+    if converted is not None and load_from is source:
+        _save_converted(model, tokenizer, converted)
+    model.to(device)
+    model.eval()
+    return wrap_model(
+        model,
+        prepare_tokenizer(tokenizer),
+        model_id=source.display_id,
+        source=source,
+        layers_path=request.layers_path,
+        revision=request.revision,
+    )
+
+
+def _from_pretrained(source: ModelSource, request: ModelRequest, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     common: dict[str, Any] = {"trust_remote_code": request.trust_remote_code}
@@ -240,7 +263,6 @@ def load_model(request: ModelRequest | None = None) -> LoadedModel:
         common["revision"] = request.revision
     if source.gguf_file:
         common["gguf_file"] = source.gguf_file
-    log.info("Loading %s on %s (%s)", source.display_id, device, str(dtype).removeprefix("torch."))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, **common)
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **common)
@@ -252,16 +274,46 @@ def load_model(request: ModelRequest | None = None) -> LoadedModel:
         if source.kind != "gguf":
             raise
         raise _load_error(source, exc) from exc
-    model.to(device)
-    model.eval()
-    return wrap_model(
-        model,
-        prepare_tokenizer(tokenizer),
-        model_id=source.display_id,
-        source=source,
-        layers_path=request.layers_path,
-        revision=request.revision,
-    )
+    return model, tokenizer
+
+
+def converted_gguf_dir(source: ModelSource) -> Path | None:
+    """Cache folder for the float32 conversion of a GGUF file, or None when disabled.
+
+    Parsing and dequantising a GGUF file takes tens of seconds on a CPU; a
+    save_pretrained copy named by the file's SHA-256 loads in a few. Set
+    `SAFETY_LENS_GGUF_CACHE=0` to always read the GGUF file.
+    """
+    if os.environ.get(GGUF_CACHE_ENV, "1") == "0" or source.path is None:
+        return None
+    digest = hash_files_cached([source.path])
+    return safety_lens_home() / "converted" / digest
+
+
+def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:
+    import shutil
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        # save_pretrained refuses GGUF-loaded models (transformers 5 tags them as
+        # quantized), but their weights are already dequantised, so the state
+        # dict and a config without the GGUF tag make an ordinary checkpoint.
+        from safetensors.torch import save_model
+
+        save_model(model, str(tmp / "model.safetensors"))
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        tokenizer.save_pretrained(tmp)
+        (tmp / CONVERTED_MARKER).write_text("complete\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process finished the same conversion first; its copy is identical.
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        log.warning("Could not cache the converted GGUF model in %s: %s", target.parent, exc)
 
 
 def wrap_model(

@@ -22,7 +22,8 @@ from safety_lens_cli.errors import EXIT_RUNTIME, SafetyLensError
 # stdout carries only the data a command was asked for; everything else goes
 # to stderr through this console.
 err_console = Console(stderr=True, soft_wrap=True, highlight=False)
-out_console = Console(soft_wrap=True, highlight=False)
+# Piped tables get a wide fixed width instead of Rich's 80-column fallback.
+out_console = Console(soft_wrap=True, highlight=False, width=None if sys.stdout.isatty() else 160)
 
 ModelOption = Annotated[
     Optional[str],
@@ -167,6 +168,8 @@ def configure_logging(verbose: bool) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        # transformers' GGUF loader uses plain tqdm, which reads this variable.
+        os.environ.setdefault("TQDM_DISABLE", "1")
 
     logger = logging.getLogger("safety_lens_cli")
     logger.handlers.clear()

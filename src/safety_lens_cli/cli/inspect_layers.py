@@ -15,6 +15,7 @@ from safety_lens_cli.cli.common import (
     LayersPathOption,
     ModelOption,
     RevisionOption,
+    PersonaOption,
     TrustRemoteCodeOption,
     err_console,
     handle_errors,
@@ -36,27 +37,71 @@ def inspect_layers(
     dtype: DtypeOption = "auto",
     trust_remote_code: TrustRemoteCodeOption = False,
     layers_path: LayersPathOption = None,
+    persona: PersonaOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List the decoder blocks that layer indices refer to."""
+    """List the decoder blocks that layer indices refer to.
+
+    With --persona, every layer is also scored on how well the persona's
+    stimuli separate there (cross-validated), next to a random direction, and
+    the layer that `--layer auto` picks is marked.
+    """
     from safety_lens_cli.layers import describe_blocks
     from safety_lens_cli.models import load_model
 
     lm = load_model(model_request(model, revision, device, dtype, trust_remote_code, layers_path))
     header = model_header(lm)
     blocks = [dataclasses.asdict(b) for b in describe_blocks(lm.layers)]
+    separation = layer_separation(lm, persona) if persona else {}
     if as_json:
-        print_json({**header, "blocks": blocks})
+        document: dict[str, Any] = {**header, "blocks": blocks}
+        if separation:
+            document["personas"] = separation
+        print_json(document)
         return
     err_console.print(
         f"[bold]{header['model_id']}[/]  fingerprint {header['fingerprint']}\n"
         f"{header['num_layers']} blocks at {header['layers_path']}, hidden size {header['hidden_size']}, "
         f"{header['dtype']} on {header['device']}"
     )
-    table = Table("layer", "module path", "block class", "parameters", "hidden size")
+    columns = ["layer", "module path", "block class", "parameters", "hidden size"]
+    for name in separation:
+        columns += [f"{name} CV AUROC", "d", "random AUROC", "random d"]
+    table = Table(*columns)
     for b in blocks:
-        table.add_row(str(b["index"]), b["module_path"], b["block_class"], f"{b['parameters']:,}", str(b["hidden_size"]))
+        row = [str(b["index"]), b["module_path"], b["block_class"], f"{b['parameters']:,}", str(b["hidden_size"])]
+        for info in separation.values():
+            q = info["layers"][b["index"]]
+            mark = " *" if info["auto_layer"] == b["index"] else ""
+            row += [_fmt(q["cv_auroc"]) + mark, _fmt(q["cohens_d"], 2), _fmt(q["random_cv_auroc"]), _fmt(q["random_cohens_d"], 2)]
+        table.add_row(*row)
     out_console.print(table)
+    if separation:
+        from safety_lens_cli.extraction import AUTO_RULE
+
+        err_console.print(f"* marks the layer --layer auto picks: {AUTO_RULE}.", markup=False)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
+def layer_separation(lm: Any, personas: list[str]) -> dict[str, Any]:
+    """Per-persona quality figures at every layer, and the auto choice, from one batched read."""
+    from safety_lens_cli.extraction import choose_auto_layer, extract
+    from safety_lens_cli.personas import load_persona
+
+    loaded = [load_persona(p) for p in personas]
+    err_console.print(f"Scoring {len(loaded)} persona(s) at all {lm.num_layers} layers ...", markup=False)
+    result = {}
+    for extraction in extract(lm, loaded, list(range(lm.num_layers))):
+        qualities = {layer: r.quality for layer, r in extraction.layers.items()}
+        keys = ("cv_auroc", "cv_accuracy", "cohens_d", "random_cv_auroc", "random_cohens_d", "eval_auroc")
+        result[extraction.persona.name] = {
+            "auto_layer": choose_auto_layer(qualities),
+            "layers": [{"layer": layer, **{k: qualities[layer].get(k) for k in keys}} for layer in sorted(qualities)],
+        }
+    return result
 
 
 def model_header(lm: Any) -> dict[str, Any]:
