@@ -125,7 +125,7 @@ def handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException, click.exceptions.Abort):
             raise
         except SafetyLensError as exc:
             if debug_enabled():
