@@ -185,6 +185,23 @@ def accepts_position_ids(model: nn.Module) -> bool:
     return bool(cached)
 
 
+def cache_argument(model: nn.Module) -> str:
+    """Name of the forward argument that takes the KV cache.
+
+    transformers 5 calls it `cache` and deprecates `past_key_values`, which
+    older versions use.
+    """
+    cached = getattr(model, "_safety_lens_cache_argument", None)
+    if cached is None:
+        params = inspect.signature(model.forward).parameters
+        cached = "cache" if "cache" in params else "past_key_values"
+        try:
+            model._safety_lens_cache_argument = cached  # type: ignore[assignment]
+        except AttributeError:
+            pass
+    return str(cached)
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor, new_tokens: int | None = None) -> torch.Tensor:
     """Positions counted over real tokens only, so left padding does not shift them.
 
@@ -215,7 +232,7 @@ def model_inputs(
         "use_cache": use_cache,
     }
     if past_key_values is not None:
-        inputs["past_key_values"] = past_key_values
+        inputs[cache_argument(model)] = past_key_values
     if accepts_position_ids(model):
         inputs["position_ids"] = position_ids_from_mask(attention_mask, input_ids.shape[1])
     return inputs
