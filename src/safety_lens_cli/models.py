@@ -243,6 +243,10 @@ def load_model(request: ModelRequest | None = None) -> LoadedModel:
     model, tokenizer = _from_pretrained(load_from, request, dtype)
     if converted is not None and load_from is source:
         _save_converted(model, tokenizer, converted)
+        if dtype == torch_float32():
+            # A user who loads the same GGUF file in Python gets these exact
+            # parameters; the alias lets their model share this file's vectors.
+            write_parameter_alias(hash_parameters(model), "sha256:" + converted.name)
     model.to(device)
     model.eval()
     return wrap_model(
@@ -334,6 +338,7 @@ def wrap_model(
         source = ModelSource("object", name, display_id=name)
 
     def compute() -> str:
+        assert source is not None
         return model_fingerprint(model, source)
 
     return LoadedModel(
@@ -358,7 +363,44 @@ def model_fingerprint(model: PreTrainedModel, source: ModelSource) -> str:
         files = [path] if path.is_file() else weight_files(path)
         if files:
             return "sha256:" + hash_files_cached(files)
-    return "sha256:" + hash_parameters(model)
+    digest = hash_parameters(model)
+    return read_parameter_alias(digest) or "sha256:" + digest
+
+
+def torch_float32() -> torch.dtype:
+    import torch
+
+    return torch.float32
+
+
+def _alias_path(parameter_digest: str) -> Path:
+    return safety_lens_home() / "fingerprints" / "parameters" / f"{parameter_digest}.json"
+
+
+def write_parameter_alias(parameter_digest: str, fingerprint: str) -> None:
+    """Record that parameters with this hash are the weights of the file named by `fingerprint`.
+
+    Both names denote the same bytes once loaded, so a model loaded in Python
+    from the same file reuses the vectors stored under the file's fingerprint.
+    """
+    path = _alias_path(parameter_digest)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w") as out:
+            json.dump({"parameters_sha256": parameter_digest, "fingerprint": fingerprint}, out, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("Could not write parameter alias %s: %s", path, exc)
+
+
+def read_parameter_alias(parameter_digest: str) -> str | None:
+    try:
+        data = json.loads(_alias_path(parameter_digest).read_text())
+    except (OSError, ValueError):
+        return None
+    value = data.get("fingerprint") if isinstance(data, dict) else None
+    return value if isinstance(value, str) and data.get("parameters_sha256") == parameter_digest else None
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -110,12 +110,21 @@ def score_pooled(
     return rows
 
 
-def unit_and_norm(direction: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Normalise a direction `[hidden]`; raises when it is zero."""
+# A direction shorter than this fraction of the residual-stream norm is float
+# rounding between batched reads of equal texts, not a difference.
+MIN_RELATIVE_NORM = 1e-6
+
+
+def unit_and_norm(direction: torch.Tensor, reference_norm: float = 0.0) -> tuple[torch.Tensor, float]:
+    """Normalise a direction `[hidden]`.
+
+    Raises when it is zero, or no longer than `MIN_RELATIVE_NORM` times
+    `reference_norm` (the residual-stream norm it was measured against).
+    """
     norm = float(direction.float().norm())
-    if norm == 0 or not math.isfinite(norm):
+    if norm == 0 or not math.isfinite(norm) or norm <= MIN_RELATIVE_NORM * reference_norm:
         raise UsageError(
             "The positive and negative stimuli give identical mean activations, so no direction "
-            "exists: check that the persona's two sides differ."
+            f"exists (difference {norm:.3g}): check that the persona's two sides differ."
         )
     return (direction.float() / norm).contiguous(), norm
