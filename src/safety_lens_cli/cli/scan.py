@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from typing import IO
 
     from safety_lens_cli.gating import GateRule, ScanStats, Thresholds, Verdict
-    from safety_lens_cli.inputs import InputItem, ReadCounts, Shard
+    from safety_lens_cli.inputs import InputItem, InputProblem, ReadCounts, Shard
     from safety_lens_cli.models import LoadedModel
     from safety_lens_cli.projection import PersonaVector
     from safety_lens_cli.scan_output import JsonlWriter
@@ -451,34 +451,49 @@ class _ScanRun:
     ) -> InputError | None:
         """Write a record per result; return the error that stopped the scan under `--on-error fail`."""
         from safety_lens_cli.inputs import InputProblem
-        from safety_lens_cli.scan_output import error_record, result_record
+        from safety_lens_cli.scan_output import result_record
         from safety_lens_cli.scanning import scan_records
 
         for result in scan_records(self.lm, self.columns, items, self.options, encoder=self.encoder):
             if isinstance(result, InputProblem):
-                if self.on_error == "fail":
-                    self.stats.add_error(result.describe(), recorded=False)
-                    self.stats.stopped = f"stopped at {result.describe()}"
-                    return InputError(
-                        f"{result.describe()}. The lines before it were scanned; pass --on-error skip or "
-                        "--on-error record to go on past bad lines."
-                    )
-                recorded = self.on_error == "record"
-                if recorded and writer is not None:
-                    writer.write(error_record(result))
-                self.stats.add_error(result.describe(), recorded=recorded)
-                self._warn(f"{result.describe()} ({'recorded' if recorded else 'skipped'})")
+                stop = self._handle_problem(result, writer)
+                if stop is not None:
+                    return stop
             else:
                 record = result_record(result, self.thresholds, self.columns)
-                if writer is not None:
-                    writer.write(record)
-                scores = {key: (entry["score"], entry["flagged"]) for key, entry in record["scores"].items()}
-                self.stats.add_scores(scores, result.record.label)
-                self.stats.truncated += int(result.truncated_from is not None)
-                if self.fmt.table:
-                    self.table_rows.append(_table_row(record, self.columns))
+                self._handle_record(record, writer, result.record.label, result.truncated_from)
             advance(counts)
         return None
+
+    def _handle_problem(self, problem: InputProblem, writer: JsonlWriter | None) -> InputError | None:
+        """Apply --on-error to a bad line; return the error that stops the scan under `fail`."""
+        from safety_lens_cli.scan_output import error_record
+
+        if self.on_error == "fail":
+            self.stats.add_error(problem.describe(), recorded=False)
+            self.stats.stopped = f"stopped at {problem.describe()}"
+            return InputError(
+                f"{problem.describe()}. The lines before it were scanned; pass --on-error skip or "
+                "--on-error record to go on past bad lines."
+            )
+        recorded = self.on_error == "record"
+        if recorded and writer is not None:
+            writer.write(error_record(problem))
+        self.stats.add_error(problem.describe(), recorded=recorded)
+        self._warn(f"{problem.describe()} ({'recorded' if recorded else 'skipped'})")
+        return None
+
+    def _handle_record(
+        self, record: dict[str, Any], writer: JsonlWriter | None, label: int | None, truncated_from: int | None
+    ) -> None:
+        """Write a scored line's record and count it in the statistics."""
+        if writer is not None:
+            writer.write(record)
+        scores = {key: (entry["score"], entry["flagged"]) for key, entry in record["scores"].items()}
+        self.stats.add_scores(scores, label)
+        self.stats.truncated += int(truncated_from is not None)
+        if self.fmt.table:
+            self.table_rows.append(_table_row(record, self.columns))
 
     def _warn(self, message: str) -> None:
         self.warnings += 1

@@ -90,8 +90,6 @@ class CompareRun(_ScanRun):
     ) -> InputError | None:
         from safety_lens_cli.comparison import PairedLine, compare_in_memory, compare_sequential, paired_record
         from safety_lens_cli.inputs import InputProblem
-        from safety_lens_cli.scan_output import error_record
-
         if self.sequential:
             # The first pass consumes `items` (which counts the lines); the
             # second reads the same source again without counting.
@@ -104,26 +102,13 @@ class CompareRun(_ScanRun):
 
         for result in results:
             if isinstance(result, InputProblem):
-                if self.on_error == "fail":
-                    self.stats.add_error(result.describe(), recorded=False)
-                    self.stats.stopped = f"stopped at {result.describe()}"
-                    return InputError(
-                        f"{result.describe()}. The lines before it were compared; pass --on-error skip or "
-                        "--on-error record to go on past bad lines."
-                    )
-                recorded = self.on_error == "record"
-                if recorded and writer is not None:
-                    writer.write(error_record(result))
-                self.stats.add_error(result.describe(), recorded=recorded)
-                self._warn(f"{result.describe()} ({'recorded' if recorded else 'skipped'})")
+                stop = self._handle_problem(result, writer)
+                if stop is not None:
+                    return stop
             else:
                 assert isinstance(result, PairedLine)
                 record = paired_record(result, self.thresholds, self.columns)
-                if writer is not None:
-                    writer.write(record)
-                scores = {key: (entry["score"], entry["flagged"]) for key, entry in record["scores"].items()}
-                self.stats.add_scores(scores, result.record.label)
-                self.stats.truncated += int(result.truncated_from is not None)
+                self._handle_record(record, writer, result.record.label, result.truncated_from)
                 self.collector.add(result)
             advance(counts)
         return None
