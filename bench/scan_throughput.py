@@ -283,7 +283,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=1000, help="Prompts for (a) and (b).")
     parser.add_argument("--layer", type=int, default=15, help="Block index scanned.")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3, help="Timed runs of (a), alternating; medians are reported.")
+    parser.add_argument("--repeats", type=int, default=3, help="Repeats of (a) and (b); each runs all three methods, and the medians of the ratios are reported.")
     parser.add_argument("--subset", type=int, default=50, help="Prompts timed one by one for (b).")
     parser.add_argument("--threads", type=int, default=torch_threads_default(), help="torch CPU threads.")
     parser.add_argument("--skip-rss", action="store_true", help="Skip (c).")

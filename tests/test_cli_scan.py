@@ -405,7 +405,7 @@ def test_junit_summary_and_step_summary(
     assert step.read_text() == "# earlier\n" + markdown
 
 
-def test_stderr_has_no_progress_bar_when_not_a_terminal(patched: Patched, prompts_file: Path) -> None:
+def test_no_progress_bar_off_terminal(patched: Patched, prompts_file: Path) -> None:
     result = invoke(["-i", str(prompts_file), *PERSONAS])
     assert "Scanning" not in result.stderr
     assert all(line.startswith("{") for line in result.stdout.splitlines())

@@ -34,10 +34,10 @@ def auroc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
 
 
 def accuracy(scores: Sequence[float], labels: Sequence[int], threshold: float) -> float | None:
-    """Share of items whose `score > threshold` matches `label == 1`."""
+    """Share of items whose `score >= threshold` matches `label == 1`, the rule flags use too."""
     if not scores:
         return None
-    hits = sum(1 for s, y in zip(scores, labels) if (s > threshold) == (y == 1))
+    hits = sum(1 for s, y in zip(scores, labels) if (s >= threshold) == (y == 1))
     return hits / len(scores)
 
 
