@@ -37,7 +37,7 @@ AUTO_RULE = (
 
 @dataclass(frozen=True)
 class ExtractionOptions:
-    """How vectors are computed; `position` None reads role stimuli at the response, plain at the last token."""
+    """Extraction settings; `position` None reads role stimuli at the response, plain ones at the last token."""
 
     method: Method = "mean-diff"
     position: Position | None = None
@@ -109,7 +109,7 @@ def _default_position(persona: Persona, plain: bool, override: Position | None) 
 
 
 def position_label(persona: Persona, override: Position | None) -> str:
-    """The position recorded in the registry key: one name, or `a+b` for mixed plain and role pairs."""
+    """Return the position recorded in the registry key: one name, or `a+b` for mixed plain and role pairs."""
     labels = sorted({_default_position(persona, p.is_plain, override) for p in persona.pairs})
     return "+".join(labels)
 
@@ -174,12 +174,6 @@ def compute_direction(positive: torch.Tensor, negative: torch.Tensor, method: Me
     if along < 0:
         component, along = -component, -along
     return (component * along).float()
-
-
-def _separation(pos_raw: list[float], neg_raw: list[float]) -> tuple[float | None, float | None]:
-    threshold = (sum(pos_raw) / len(pos_raw) + sum(neg_raw) / len(neg_raw)) / 2
-    scores, labels = pos_raw + neg_raw, [1] * len(pos_raw) + [0] * len(neg_raw)
-    return auroc(scores, labels), accuracy(scores, labels, threshold)
 
 
 def cross_validate(

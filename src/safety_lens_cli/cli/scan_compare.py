@@ -157,7 +157,10 @@ class CompareRun(_ScanRun):
             s = gate.stats
             p = f"{s.p_value:.3g}" if s.p_value is not None else "-"
             limit = f"{gate.limit:g}" if gate.limit is not None else "-"
-            result = ("passed" if gate.passed else "FAILED") if gate.gated else "no gate"
+            if not gate.gated:
+                result = "no gate"
+            else:
+                result = "passed" if gate.passed else "FAILED"
             out.append(f"| {gate.key} | {s.n} | {s.mean:+.4f} | [{s.ci_low:+.4f}, {s.ci_high:+.4f}] | {p} | {limit} | {result} |")
         out.append("")
         return "\n".join(out) + "\n"
