@@ -60,19 +60,33 @@ class PairedLine:
 PairedResult = PairedLine | InputProblem
 
 
-def check_same_shape(baseline: LoadedModel, candidate: LoadedModel) -> None:
-    """Raise unless the candidate can be read along the baseline's vectors."""
-    if baseline.hidden_size != candidate.hidden_size or baseline.num_layers != candidate.num_layers:
+@dataclass(frozen=True)
+class ModelShape:
+    """What must match for a candidate to be read along a baseline's vectors."""
+
+    model_id: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+
+    @classmethod
+    def of(cls, lm: LoadedModel) -> ModelShape:
+        return cls(lm.model_id, type(lm.model).__name__, lm.num_layers, lm.hidden_size)
+
+    def describe(self) -> str:
+        return f"'{self.model_id}' ({self.architecture}, {self.num_layers} blocks, hidden size {self.hidden_size})"
+
+
+def check_same_shape(baseline: ModelShape, candidate: ModelShape) -> None:
+    """Raise unless the candidate has the baseline's architecture, block count and hidden size."""
+    if (baseline.architecture, baseline.num_layers, baseline.hidden_size) != (
+        candidate.architecture,
+        candidate.num_layers,
+        candidate.hidden_size,
+    ):
         raise ModelMismatchError(
-            f"Candidate '{candidate.model_id}' has {candidate.num_layers} blocks of hidden size "
-            f"{candidate.hidden_size} but baseline '{baseline.model_id}' has {baseline.num_layers} of "
-            f"{baseline.hidden_size}: compare checkpoints of the same architecture."
-        )
-    base_arch, cand_arch = type(baseline.model).__name__, type(candidate.model).__name__
-    if base_arch != cand_arch:
-        raise ModelMismatchError(
-            f"Candidate '{candidate.model_id}' is a {cand_arch} but baseline '{baseline.model_id}' is a "
-            f"{base_arch}: compare checkpoints of the same architecture."
+            f"Candidate {candidate.describe()} does not match baseline {baseline.describe()}: "
+            "compare checkpoints of the same architecture."
         )
 
 
@@ -130,7 +144,7 @@ def compare_in_memory(
     options: ScanOptions,
 ) -> Iterator[PairedResult]:
     """Read each chunk of inputs with both models loaded at once, in input order."""
-    check_same_shape(baseline, candidate)
+    check_same_shape(ModelShape.of(baseline), ModelShape.of(candidate))
     size = options.batch_size * options.chunk_batches
     for chunk in _chunks(items, size):
         base = list(scan_records(baseline, columns, chunk, options))
@@ -171,7 +185,7 @@ def compare_sequential(
 ) -> Iterator[PairedResult]:
     """Scan with the baseline, free it, then scan with the candidate.
 
-    Baseline results stream through a temporary JSONL file, so memory holds
+    Baseline results stream through a temporary JSONL file, so memory contains
     one model and one chunk at a time. `read_items` is called twice and must
     yield the same items each time. The caller's reference to `baseline`
     must be dropped too for its memory to be returned.
@@ -181,18 +195,12 @@ def compare_sequential(
         with open(path, "w", encoding="utf-8") as out:
             for result in scan_records(baseline, columns, read_items(), options):
                 out.write(_dump(result) + "\n")
-        baseline_shape = (baseline.hidden_size, baseline.num_layers, type(baseline.model).__name__, baseline.model_id)
+        baseline_shape = ModelShape.of(baseline)
         _free(baseline)
         del baseline
 
         candidate = load_candidate()
-        hidden, layers, arch, base_id = baseline_shape
-        if (candidate.hidden_size, candidate.num_layers, type(candidate.model).__name__) != (hidden, layers, arch):
-            raise ModelMismatchError(
-                f"Candidate '{candidate.model_id}' ({type(candidate.model).__name__}, {candidate.num_layers} "
-                f"blocks, hidden size {candidate.hidden_size}) does not match baseline '{base_id}' ({arch}, "
-                f"{layers} blocks, hidden size {hidden}): compare checkpoints of the same architecture."
-            )
+        check_same_shape(baseline_shape, ModelShape.of(candidate))
         with open(path, encoding="utf-8") as stored:
             for cand in scan_records(candidate, columns, read_items(), options):
                 text = stored.readline()
@@ -228,7 +236,7 @@ def _free(lm: LoadedModel) -> None:
 
 
 def paired_record(line: PairedLine, thresholds: Thresholds, columns: Sequence[ScoreColumn]) -> dict[str, Any]:
-    """The candidate's scan record, with each persona's baseline scores and shift added."""
+    """Build the candidate's scan record with each persona's baseline scores and shift added."""
     record = result_record(ScoredLine(line.record, line.candidate, line.truncated_from), thresholds, columns)
     for column in columns:
         base = line.baseline[column.key]

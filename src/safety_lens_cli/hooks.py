@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from safety_lens_cli.layers import LayerStack, normalize_layer
@@ -165,13 +165,6 @@ def steer(stack: LayerStack, additions: Mapping[int, torch.Tensor]) -> Iterator[
     finally:
         for handle in handles:
             handle.remove()
-
-
-@contextmanager
-def scoped(*contexts: Any) -> Iterator[list[Any]]:
-    """Enter several hook contexts and exit them in reverse order."""
-    with ExitStack() as stack:
-        yield [stack.enter_context(c) for c in contexts]
 
 
 def accepts_position_ids(model: nn.Module) -> bool:

@@ -47,7 +47,7 @@ _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 @dataclass(frozen=True)
 class ModelRequest:
-    """What the user asked to load; every field maps to one CLI option."""
+    """Model request from the user; every field maps to one CLI option."""
 
     model: str | None = None
     revision: str | None = None
@@ -59,7 +59,7 @@ class ModelRequest:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where the weights come from once `--model` and the defaults are resolved."""
+    """Location of the weights once `--model` and the defaults are resolved."""
 
     kind: SourceKind
     location: str  # Hub id, or a directory path
@@ -243,7 +243,9 @@ def load_model(request: ModelRequest | None = None) -> LoadedModel:
     model, tokenizer = _from_pretrained(load_from, request, dtype)
     if converted is not None and load_from is source:
         _save_converted(model, tokenizer, converted)
-        if dtype == torch_float32():
+        import torch
+
+        if dtype == torch.float32:
             # A user who loads the same GGUF file in Python gets these exact
             # parameters; the alias lets their model share this file's vectors.
             write_parameter_alias(hash_parameters(model), "sha256:" + converted.name)
@@ -353,7 +355,7 @@ def wrap_model(
 
 
 def source_fingerprint(source: ModelSource) -> str | None:
-    """The fingerprint of local or GGUF weights without loading them; None for a Hub id."""
+    """Return the fingerprint of local or GGUF weights without loading them, or None for a Hub id."""
     path = source.path
     if path is None or source.kind not in ("local", "gguf"):
         return None
@@ -374,10 +376,11 @@ def model_fingerprint(model: PreTrainedModel, source: ModelSource) -> str:
     return read_parameter_alias(digest) or "sha256:" + digest
 
 
-def torch_float32() -> torch.dtype:
-    import torch
+def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
+    """Write a small JSON file through the registry's temp-file-then-rename writer."""
+    from safety_lens_cli.vector_file import write_atomic
 
-    return torch.float32
+    write_atomic(path, json.dumps(document, sort_keys=True, indent=1).encode("utf-8"))
 
 
 def _alias_path(parameter_digest: str) -> Path:
@@ -392,11 +395,7 @@ def write_parameter_alias(parameter_digest: str, fingerprint: str) -> None:
     """
     path = _alias_path(parameter_digest)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as out:
-            json.dump({"parameters_sha256": parameter_digest, "fingerprint": fingerprint}, out, sort_keys=True)
-        os.replace(tmp, path)
+        write_json_atomic(path, {"parameters_sha256": parameter_digest, "fingerprint": fingerprint})
     except OSError as exc:
         log.debug("Could not write parameter alias %s: %s", path, exc)
 
@@ -457,11 +456,7 @@ def _file_sha256_cached(file: Path) -> str:
             digest.update(chunk)
     value = digest.hexdigest()
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as out:
-            json.dump({**stamp, "sha256": value}, out, sort_keys=True)
-        os.replace(tmp, cache_file)
+        write_json_atomic(cache_file, {**stamp, "sha256": value})
     except OSError as exc:
         # The cache only saves time; a read-only home must not stop a scan.
         log.debug("Could not write fingerprint cache %s: %s", cache_file, exc)

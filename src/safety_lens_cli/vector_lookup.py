@@ -40,7 +40,7 @@ Notify = Callable[[str], None]
 
 @dataclass(frozen=True)
 class VectorRequest:
-    """Which vectors a command needs; each field maps to a CLI option."""
+    """Request for the vectors a command needs; each field maps to a CLI option."""
 
     personas: tuple[str, ...] = ()
     layers: tuple[str, ...] = ()  # --layer specs; empty means auto
@@ -67,7 +67,7 @@ class VectorRequest:
 
 @dataclass
 class ResolvedPersona:
-    """What `resolve_vectors` found or extracted for one persona."""
+    """Result of `resolve_personas` for one persona: vectors found or extracted, and the auto choice."""
 
     persona: str
     vectors: list[PersonaVector]
@@ -111,7 +111,7 @@ def vector_metadata(lm: LoadedModel, extraction: PersonaExtraction, result: Laye
 
 
 class AutoLayerSelections:
-    """Which layer `--layer auto` chose, per (model, persona, stimuli, method, position).
+    """Store of the layers `--layer auto` chose, per (model, persona, stimuli, method, position).
 
     Stored beside the registry's refs as small JSON files named by the SHA-256
     of the canonical key, written through a temp file and `os.replace`. The
@@ -123,11 +123,9 @@ class AutoLayerSelections:
         self.folder = registry_root / "selections"
 
     def _path(self, key: dict[str, Any]) -> Path:
-        import hashlib
-        import json
+        from safety_lens_cli.vector_file import canonical_json, sha256_hex
 
-        canonical = json.dumps(key, sort_keys=True, separators=(",", ":"))
-        return self.folder / (hashlib.sha256(canonical.encode()).hexdigest() + ".json")
+        return self.folder / (sha256_hex(canonical_json(key).encode("utf-8")) + ".json")
 
     def get(self, key: dict[str, Any]) -> int | None:
         import json
@@ -140,25 +138,15 @@ class AutoLayerSelections:
         return layer if isinstance(layer, int) and not isinstance(layer, bool) else None
 
     def put(self, key: dict[str, Any], layer: int, qualities: dict[int, dict[str, Any]]) -> None:
-        import json
-        import os
-        import tempfile
+        from safety_lens_cli.models import write_json_atomic
 
-        self.folder.mkdir(parents=True, exist_ok=True)
         document = {
             **key,
             "layer": layer,
             "rule": AUTO_RULE,
             "cv_auroc_by_layer": {str(k): q.get("cv_auroc") for k, q in sorted(qualities.items())},
         }
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(document, handle, sort_keys=True, indent=1)
-            os.replace(tmp, self._path(key))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json_atomic(self._path(key), document)
 
 
 class VectorResolver:
@@ -302,7 +290,7 @@ def resolve_personas(
 
 
 def resolve_vectors(lm: LoadedModel, request: VectorRequest, *, notify: Notify | None = None) -> list[PersonaVector]:
-    """One PersonaVector per (persona, layer): pinned `--vector` ids first, then the personas."""
+    """Return one PersonaVector per (persona, layer): pinned `--vector` ids first, then the personas."""
     resolver = VectorResolver(lm, request, notify)
     vectors = resolver.pinned()
     if request.personas:

@@ -148,6 +148,11 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def format_number(value: Any, digits: int = 3) -> str:
+    """Format a figure for a table cell; missing or non-numeric values show as '-'."""
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
 def print_json(document: Any) -> None:
     """Write one JSON document to stdout, bypassing Rich so it stays machine-readable."""
     sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n")

@@ -19,6 +19,7 @@ from safety_lens_cli.cli.common import (
     RevisionOption,
     TrustRemoteCodeOption,
     err_console,
+    format_number,
     handle_errors,
     model_request,
     out_console,
@@ -45,9 +46,6 @@ SeedOption = Annotated[int, typer.Option("--seed", help="Seed for fold assignmen
 def register(app: typer.Typer) -> None:
     app.command("extract")(extract)
 
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
 
 
 @handle_errors
@@ -130,11 +128,11 @@ def extract(
             row["persona"],
             f"{row['layer']}{' (auto)' if row['auto'] else ''}",
             str(row["object_id"])[:12],
-            _fmt(q.get("cv_auroc")),
-            _fmt(q.get("cv_accuracy")),
-            _fmt(q.get("cohens_d"), 2),
-            _fmt(q.get("random_cv_auroc")),
-            _fmt(q.get("eval_auroc")),
+            format_number(q.get("cv_auroc")),
+            format_number(q.get("cv_accuracy")),
+            format_number(q.get("cohens_d"), 2),
+            format_number(q.get("random_cv_auroc")),
+            format_number(q.get("eval_auroc")),
             row["stored"],
         )
     out_console.print(table)

@@ -18,6 +18,7 @@ from safety_lens_cli.cli.common import (
     PersonaOption,
     TrustRemoteCodeOption,
     err_console,
+    format_number,
     handle_errors,
     model_request,
     out_console,
@@ -73,7 +74,12 @@ def inspect_layers(
         for info in separation.values():
             q = info["layers"][b["index"]]
             mark = " *" if info["auto_layer"] == b["index"] else ""
-            row += [_fmt(q["cv_auroc"]) + mark, _fmt(q["cohens_d"], 2), _fmt(q["random_cv_auroc"]), _fmt(q["random_cohens_d"], 2)]
+            row += [
+                format_number(q["cv_auroc"]) + mark,
+                format_number(q["cohens_d"], 2),
+                format_number(q["random_cv_auroc"]),
+                format_number(q["random_cohens_d"], 2),
+            ]
         table.add_row(*row)
     out_console.print(table)
     if separation:
@@ -81,9 +87,6 @@ def inspect_layers(
 
         err_console.print(f"* marks the layer --layer auto picks: {AUTO_RULE}.", markup=False)
 
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
 
 
 def layer_separation(lm: Any, personas: list[str]) -> dict[str, Any]:
