@@ -14,7 +14,12 @@ from safety_lens_cli.metrics import accuracy, auroc, cohens_d, paired_shift
 def brute_force_auroc(scores: list[float], labels: list[int]) -> float:
     positives = [s for s, y in zip(scores, labels) if y == 1]
     negatives = [s for s, y in zip(scores, labels) if y == 0]
-    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(positives, negatives))
+    wins = 0.0
+    for p, n in itertools.product(positives, negatives):
+        if p > n:
+            wins += 1.0
+        elif p == n:
+            wins += 0.5
     return wins / (len(positives) * len(negatives))
 
 

@@ -36,7 +36,7 @@ class Calibration:
         return (raw - self.neg_mean) / span
 
     def raw_at(self, score: float) -> float:
-        """The raw projection that a calibrated score corresponds to."""
+        """Return the raw projection that a calibrated score corresponds to."""
         return self.neg_mean + score * (self.pos_mean - self.neg_mean)
 
     def as_dict(self) -> dict[str, float]:

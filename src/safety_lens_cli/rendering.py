@@ -27,7 +27,7 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass(frozen=True)
 class Rendering:
-    """How stimuli are laid out before tokenization; recorded with each vector."""
+    """Layout of stimuli before tokenization, recorded with each vector."""
 
     kind: RenderingKind
     template_sha256: str | None = None
@@ -111,7 +111,7 @@ def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str, rendering: Renderin
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> Encoded:
-    """A plain text with the tokenizer's usual special tokens; no template, no response span."""
+    """Encode plain text with the tokenizer's usual special tokens, without template or response span."""
     return Encoded(tuple(tokenizer(text, add_special_tokens=True)["input_ids"]))
 
 
